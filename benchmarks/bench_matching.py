@@ -34,15 +34,18 @@ SHAPES = [(64, 256, 9), (32, 512, 7), (16, 1024, 5)]
 BACKWARD_PATCH = 3
 
 
+CLOCK = time.perf_counter
+
+
 def best_time(fn, repeats: int, *args, **kwargs) -> float:
-    """Minimum wall time of ``fn(*args, **kwargs)`` over ``repeats`` runs after a warm-up."""
+    """Minimum time of ``fn(*args, **kwargs)`` over ``repeats`` runs after a warm-up."""
     fn = functools.partial(fn, *args, **kwargs)
     jax.block_until_ready(fn())
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = CLOCK()
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
+        times.append(CLOCK() - start)
     return min(times)
 
 
@@ -86,12 +89,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--big", action="store_true", help="also run 400 sheets of 64x64x256")
     parser.add_argument("--only-big", action="store_true", help="run only the 400-sheet case")
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall",
+        help="wall time, or the process's CPU time (steadier on a machine shared with other "
+             "jobs; pin to one core with taskset to compare per-core rates)",
+    )
+    parser.add_argument("--skip-extras", action="store_true",
+                        help="skip the naive baseline and the bfloat16 comparison")
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.only_big:
         big(args)
         return
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, "
-          f"{jax.local_device_count()} device(s), batch {args.batch}")
+          f"{jax.local_device_count()} device(s), batch {args.batch}, {args.clock} clock")
 
     header = (f"{'shape':>12} {'win':>3} {'N':>4} {'what':>8} {'ms/img':>9} {'GFLOP/s':>8} "
               f"{'GEMM':>7} {'ratio':>6}")
@@ -121,6 +133,8 @@ def main() -> None:
                       f"{seconds * 1e3 / args.batch:>9.1f} {rate:>8.1f} {gemm:>7.1f} "
                       f"{rate / gemm:>6.2f}", flush=True)
 
+    if args.skip_extras:
+        return
     print("\nnaive per-offset baseline (jitted JAX, same inputs), forward only")
     for size, channels, patch, sheets in [(32, 512, 7, 10), (64, 256, 9, 10)]:
         query = features(key, (1, size, size, channels))

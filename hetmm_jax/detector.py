@@ -228,7 +228,8 @@ class Detector:
 
         Args:
           k: sheets to keep, 1 <= k <= n_templates_.
-          strategy: "pts", "random" or "kmeans" (see :func:`hetmm_jax.pts.pts`).
+          strategy: "pts", "random" (per pixel), "random_image" (whole images) or "kmeans"
+            (see :func:`hetmm_jax.pts.pts`).
           **kwargs: passed to :func:`hetmm_jax.pts.compress_templates`.
         """
         from hetmm_jax.pts import compress_templates

@@ -7,8 +7,9 @@ Conventions used throughout:
 * A window ``patch`` is an odd int (square) or a ``(height, width)`` pair of odd ints. Height is
   the row axis (axis -3 of the feature maps), width the column axis. The window centred on pixel
   (y, x) holds the offsets (dy, dx) with ``|dy| <= height // 2`` and ``|dx| <= width // 2``.
-  In the paper's Eq. 3 (an n x m patch, ``|a| <= floor(m/2)``, ``|b| <= floor(n/2)``) this means
-  ``height = m`` for the first index and ``width = n`` for the second.
+  The paper's Eq. 3 writes ``T[x + a, y + b]`` with ``|a| <= floor(m/2)``, ``|b| <= floor(n/2)``
+  for an "n x m" patch: reading its (x, y) as (row, column), that patch is ``(height, width) =
+  (m, n)``. The paper's settings are all square, where the reading does not matter.
 * Window positions that fall outside the map are skipped (never padded with zeros), and a window
   may be larger than the map.
 * Features are compared by cosine similarity. Inputs need not be L2-normalised; pass
@@ -26,6 +27,15 @@ products of one template pixel with the query pixels of its window form a small 
 (window area x C) @ (C x N), batched over a block of rows and a chunk of sheets, with the maximum
 over the sheets carried across chunks, so the extra memory is bounded by ``max_chunk_bytes``
 whatever N is.
+
+Notes:
+    * Gradients: the exact functions give a subgradient (at a tie, one of the tied candidates
+      takes it all); the ``smooth_*`` variants spread it over all candidates. Each row block is
+      rematerialised (``jax.checkpoint``) in the backward pass, so differentiating does not
+      store the gathered query windows of the whole map.
+    * Sharding: templates placed by :func:`shard_templates` are matched on each device and the
+      per-device maxima combined. Inside a caller's ``jax.jit`` the placement is not visible
+      here; XLA's partitioner then decides (same results, possibly more communication).
 """
 
 from __future__ import annotations
@@ -169,7 +179,8 @@ def _plan(
     # One sheet at one template pixel: its slice, its transposed copy and its scores.
     sheet_px = channels * itemsize * 2 + batch * area * 4
     if rows is None:
-        rows = _divisor_at_most(height, max(1, _TARGET_PIXELS // width))
+        fitting = max_chunk_bytes // (width * (query_px + sheet_px))
+        rows = _divisor_at_most(height, max(1, min(_TARGET_PIXELS // width, fitting)))
     rows = max(1, min(int(rows), height))
     if sheet_chunk is None:
         room = max_chunk_bytes - rows * width * query_px
@@ -180,7 +191,7 @@ def _plan(
     step = rows * width * (query_px + sheet_chunk * sheet_px)
     if step > max_chunk_bytes:
         warnings.warn(
-            f"one matching step needs about {step / 2**20:.0f} MiB, over max_chunk_bytes="
+            f"one matching step needs about {step / 2**10:.0f} KiB, over max_chunk_bytes="
             f"{max_chunk_bytes}: the smallest step (one row, one sheet) is larger than the budget",
             RuntimeWarning, stacklevel=4,
         )
@@ -217,10 +228,16 @@ class _Reducer(NamedTuple):
         return t * jnp.logaddexp(a / t, b / t)
 
     def across_devices(self, x: jax.Array, axis_name: str) -> jax.Array:
+        # pmax has no differentiation rule, so it only ever sees gradient-free values; the
+        # gradient flows through psum, which is linear.
+        top = lax.pmax(lax.stop_gradient(x), axis_name)
         if self.temperature is None:
-            return lax.pmax(x, axis_name)
+            # The exact max: its (sub)gradient is shared by the devices that hold the maximum.
+            winner = (lax.stop_gradient(x) == top) & jnp.isfinite(top)
+            count = lax.psum(winner.astype(x.dtype), axis_name)
+            delta = jnp.where(winner, x - lax.stop_gradient(x), 0.0) / jnp.maximum(count, 1.0)
+            return top + lax.psum(delta, axis_name)
         t = self.temperature
-        top = lax.stop_gradient(lax.pmax(x, axis_name))
         # Offsets outside the map are -inf on every device; keep them -inf, not NaN.
         top = jnp.where(jnp.isfinite(top), top, 0.0)
         return top + t * jnp.log(lax.psum(jnp.exp((x - top) / t), axis_name))
@@ -365,7 +382,7 @@ def _sheet_sharding(templates, layout: str) -> tuple[Mesh, str] | None:
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "win", "fwd", "bwd", "alpha", "temperature", "templates_normalized", "rows",
+        "win", "fwd", "bwd", "temperature", "templates_normalized", "rows",
         "sheet_chunk", "compute_dtype", "layout", "mesh_axis", "mesh",
     ),
 )
@@ -400,9 +417,14 @@ def _match(
         out.append(_forward_from_best(best, win, fwd, reducer))
     if bwd is not None:
         out.append(_backward_from_best(best, win, bwd, reducer))
-    if alpha is not None:
+    if len(out) == 2:
         return alpha * out[0] + (1.0 - alpha) * out[1]
     return out[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 def _sheet_spec(axis_name: str, layout: str) -> PartitionSpec:
@@ -435,6 +457,11 @@ def _run(
     compute_dtype = jnp.dtype(compute_dtype or templates.dtype)
     if compute_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         compute_dtype = jnp.dtype(jnp.float32)
+    if compute_dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+        _warn_once(
+            "bfloat16 matching on CPU: half the template memory, but slower than float32 "
+            "(about 1.3-2x in benchmarks/bench_matching.py), with map errors near 1e-3"
+        )
 
     sharded = _sheet_sharding(templates, layout)
     mesh, mesh_axis = sharded if sharded is not None else (None, None)
@@ -455,7 +482,7 @@ def _run(
     )
     out = _match(
         query, templates, win=win, fwd=fwd, bwd=bwd,
-        alpha=None if alpha is None else float(alpha), temperature=temperature,
+        alpha=alpha, temperature=temperature,
         templates_normalized=bool(templates_normalized), rows=rows,
         sheet_chunk=sheet_chunk, compute_dtype=compute_dtype, layout=layout,
         mesh_axis=mesh_axis, mesh=mesh,
@@ -468,9 +495,11 @@ _CHUNK_DOC = """
         max_chunk_bytes: bound on the extra memory of one matching step, in bytes.
         rows, sheet_chunk: force the row block / sheet chunk of one step (for tuning).
         compute_dtype: dtype of the matrix products, float32 or bfloat16 (default: the
-            templates' dtype; accumulation is always float32).
+            templates' dtype; accumulation is always float32). On CPU bfloat16 halves the
+            template memory but is slower than float32 (a warning is logged).
         layout: "NHWC" (templates (N, H, W, C)) or "HWNC" (pixel-major (H, W, N, C), from
-            :func:`to_pixel_major`: faster, as no transpose is needed per call)."""
+            :func:`to_pixel_major`), which saves a transpose of the sheets at every call
+            (a small gain on CPU)."""
 
 
 def forward_hetm(
@@ -541,7 +570,8 @@ def hetmm(
         query: (H, W, C) or (B, H, W, C) features of the query image(s).
         templates: (N, H, W, C) template sheets.
         forward_patch, backward_patch: odd int or (height, width) windows.
-        alpha: weight of the forward (structural) distance, in [0, 1].
+        alpha: weight of the forward (structural) distance, in [0, 1] (may be traced, e.g.
+            differentiated).
     """ + _CHUNK_DOC + """
 
     Returns:

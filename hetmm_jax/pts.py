@@ -249,7 +249,7 @@ def optics_labels(
     *,
     min_samples: int,
     xi: float = 0.05,
-    min_cluster_size: int | float | None = None,
+    min_cluster_size: float | None = None,
     predecessor_correction: bool = True,
     max_eps: float = np.inf,
     n_jobs: int | None = None,
@@ -391,37 +391,35 @@ def _select_one(vectors: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     n = vectors.shape[0]
     norm = jnp.sqrt(jnp.sum(vectors * vectors, axis=-1, keepdims=True))
     x = vectors / jnp.maximum(norm, _NORM_EPS)
+    index = jnp.arange(n)
 
-    # sum_{v in r} cos(w, v) = w . (sum_{v in r} v) for unit vectors; noise goes to segment n.
+    # Eq. 7 for every region at once. For unit vectors sum_{v in r} cos(w, v) = w . sum_{v in r} v;
+    # labels index the segments, noise goes to the extra segment n.
     segment = jnp.where(labels >= 0, labels, n)
     region_sums = jax.ops.segment_sum(x, segment, num_segments=n + 1)
-    region_score = jnp.sum(x * region_sums[segment], axis=-1)  # Eq. 7
+    region_score = jnp.sum(x * region_sums[segment], axis=-1)
+    size = jax.ops.segment_sum(jnp.ones(n, jnp.int32), segment, num_segments=n + 1)
+    best = jax.ops.segment_max(region_score, segment, num_segments=n + 1)
+    tied = region_score >= best[segment] - TIE_TOLERANCE * jnp.maximum(size[segment], 1)
+    centre_of = jax.ops.segment_min(jnp.where(tied, index, n), segment, num_segments=n + 1)
+    # Centres in label order, the first K of them.
+    present = (size > 0).at[n].set(False)
+    rank = jnp.cumsum(present) - 1
+    n_centres = jnp.minimum(jnp.sum(present), k)
+    slot = jnp.where(present & (rank < k), rank, k)
+    centres = jnp.zeros(k, jnp.int32).at[slot].set(centre_of.astype(jnp.int32), mode="drop")
+
     global_score = jnp.dot(x, jnp.sum(x, axis=0), precision=_HIGHEST)  # Eq. 8
     global_centre = _first_max(global_score, None, n)
 
     def step(t, state):
-        kept, chosen, distance_sum, last_label = state
-        next_label = jnp.min(jnp.where(labels > last_label, labels, n))
-        has_region = next_label < n
-        members = labels == next_label
-        centre = _first_max(region_score, members, jnp.sum(members))
+        kept, chosen, distance_sum = state
         hard = _first_max(distance_sum, ~kept, t)  # Eq. 9
-        first = jnp.where(t == 0, global_centre, hard)
-        pick = jnp.where(has_region, centre, first)
+        pick = jnp.where(t < n_centres, centres[t], jnp.where(t == 0, global_centre, hard))
         distance_sum = distance_sum + (1.0 - jnp.dot(x, x[pick], precision=_HIGHEST))
-        return (
-            kept.at[pick].set(True),
-            chosen.at[t].set(pick.astype(jnp.int32)),
-            distance_sum,
-            jnp.where(has_region, next_label, last_label),
-        )
+        return kept.at[pick].set(True), chosen.at[t].set(pick.astype(jnp.int32)), distance_sum
 
-    state = (
-        jnp.zeros(n, bool),
-        jnp.zeros(k, jnp.int32),
-        jnp.zeros(n, x.dtype),
-        jnp.asarray(-1, labels.dtype),
-    )
+    state = (jnp.zeros(n, bool), jnp.zeros(k, jnp.int32), jnp.zeros(n, x.dtype))
     # The barrier keeps XLA from constant-folding the first steps (a loop of one or two steps
     # is unrolled), which costs seconds of compilation for nothing.
     state = jax.lax.optimization_barrier(state)
@@ -446,7 +444,7 @@ def _optics_chunk(
     *,
     min_samples: int,
     xi: float,
-    min_cluster_size: int | float | None,
+    min_cluster_size: float | None,
     predecessor_correction: bool,
     max_eps: float,
     per_call: int,

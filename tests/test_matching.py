@@ -126,8 +126,29 @@ def test_chunking_does_not_change_results(rows, sheet_chunk):
 def test_small_memory_budget_chunks_and_stays_exact():
     query, templates = _data(3, 1, 8, 8, 16, 9)
     want = np.stack([naive_forward(q, templates, 3, 3) for q in query])
-    got = matching.forward_hetm(query, templates, 3, max_chunk_bytes=40_000)
+    budget = 10_000
+    rows, chunk = matching._plan(1, 8, 8, 16, 9, 9, 4, budget, None, None)
+    assert rows == 1 and chunk < 9
+    got = matching.forward_hetm(query, templates, 3, max_chunk_bytes=budget)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("sheets", [1, 10, 400, 5000])
+@pytest.mark.parametrize("budget", [64 << 20, 1 << 30])
+def test_plan_keeps_one_step_within_the_memory_budget(sheets, budget):
+    # 64x64x256 maps (WideResNet-101-2 layer 1), window 9, batches of 1 and 8.
+    for batch in (1, 8):
+        rows, chunk = matching._plan(batch, 64, 64, 256, sheets, 81, 4, budget, None, None)
+        assert 1 <= chunk <= sheets and 64 % rows == 0
+        query_bytes = rows * 64 * batch * 81 * 256 * 4
+        sheet_bytes = rows * 64 * chunk * (2 * 256 * 4 + batch * 81 * 4)
+        assert query_bytes + sheet_bytes <= budget
+
+
+def test_budget_below_the_smallest_step_warns():
+    query, templates = _data(3, 1, 4, 4, 8, 2)
+    with pytest.warns(RuntimeWarning, match="max_chunk_bytes"):
+        matching.forward_hetm(query, templates, 3, max_chunk_bytes=100)
 
 
 def test_templates_normalized_flag_skips_normalising():
@@ -147,6 +168,12 @@ def test_jit_and_vmap_over_queries():
 
     mapped = jax.vmap(lambda q: matching.hetmm(q, templates, 5, 3, 0.7))
     np.testing.assert_allclose(mapped(query), want, atol=1e-6)
+
+    # alpha is an ordinary (traceable) argument: d sum(map) / d alpha = sum(forward - backward).
+    d_alpha = jax.grad(lambda a: jnp.sum(matching.hetmm(query, templates, 5, 3, a)))(0.7)
+    forward = matching.forward_hetm(query, templates, 5)
+    backward = matching.backward_hetm(query, templates, 3)
+    np.testing.assert_allclose(d_alpha, jnp.sum(forward - backward), rtol=1e-5)
 
 
 def test_grad_of_image_score_is_a_subgradient_of_the_max():

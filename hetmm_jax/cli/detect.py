@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("data", help="a category folder (uses train/good) or a folder of images")
     p.add_argument("--out", required=True, help="model file to write (.npz)")
     p.add_argument("-k", type=int, help="compress to K sheets after fitting")
-    p.add_argument("--strategy", default="pts", choices=("pts", "random", "kmeans"))
+    p.add_argument("--strategy", default="pts", choices=("pts", "random", "random_image", "kmeans"))
     p.set_defaults(func=_fit)
 
     p = subparsers.add_parser("predict", parents=[common],
@@ -63,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               help="shrink a model's template set to K sheets (PTS)")
     p.add_argument("model")
     p.add_argument("-k", type=int, required=True)
-    p.add_argument("--strategy", default="pts", choices=("pts", "random", "kmeans"))
+    p.add_argument("--strategy", default="pts", choices=("pts", "random", "random_image", "kmeans"))
     p.add_argument("--out", help="write here instead of replacing MODEL")
     p.set_defaults(func=_compress)
 
@@ -82,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("data", help="category folder in the MVTec AD layout")
     p.add_argument("--out", required=True, help="output folder for metrics.json and report")
     p.add_argument("-k", type=int, help="compress to K sheets before scoring")
-    p.add_argument("--strategy", default="pts", choices=("pts", "random", "kmeans"))
+    p.add_argument("--strategy", default="pts", choices=("pts", "random", "random_image", "kmeans"))
     p.set_defaults(func=_evaluate)
 
 
