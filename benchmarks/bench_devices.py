@@ -35,6 +35,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from hetmm_jax.distributed import host_devices_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = textwrap.dedent(
@@ -78,12 +80,7 @@ CHILD = textwrap.dedent(
 
 
 def run_child(n_dev: int, sheets: int, batch: int, repeats: int) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_dev}"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env = host_devices_env(n_dev, ROOT)
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, str(n_dev), str(sheets), str(batch), str(repeats)],
         env=env, cwd=ROOT, capture_output=True, text=True, check=False,

@@ -1,8 +1,10 @@
 """Times hetmm_jax.metrics against baselines on 600 synthetic 256x256 maps."""
 import time
+
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
+
 from hetmm_jax import metrics as M
 
 

@@ -4,7 +4,7 @@ The template set is the features of the 762 defect-free MTD training images
 (EfficientNet-Lite2, 256 x 256, layers 1-3 by default), extracted once and cached as .npy files;
 without the data or the weights, random clustered data of the same shapes is used instead.
 
-"Ours" is :func:`hetmm_jax.pts.compress_templates` on the whole set, every position of every
+"Ours" is :func:`hetmm_jax.selection.compress_templates` on the whole set, every position of every
 layer (OPTICS, then the selection of Eqs. 7-9), timed end to end including JIT compilation.
 
 "Reference" is what the authors' code runs at every position: scikit-learn
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.cluster import OPTICS
 
-from hetmm_jax.pts import compress_templates, optics_labels
+from hetmm_jax.selection import compress_templates, optics_labels
 
 REPO = Path(__file__).resolve().parents[1]
 MTD_GOOD = REPO.parent / "shared" / "data" / "mtd" / "magnetic_tile" / "train" / "good"

@@ -23,8 +23,10 @@ rotated back / cropped and resized into it.
 Usage (results go to /tmp/study/):
     python benchmarks/study_mtd.py cache --size 256 --prep square --templates r200 --images A
     python benchmarks/study_mtd.py sweep --size 256 --prep square --templates r200 --stage 1
-    python benchmarks/study_mtd.py eval --size 256 --prep square --templates all --images all \
-        --config '{"layers": [1, 2, 3], ...}'
+    python benchmarks/study_mtd.py cache --size 256 --prep square --templates all --images all
+    python benchmarks/study_mtd.py eval --templates all --images all --subset B --pixel \
+        --config '{}' --config '{"layers": [2, 3, 4], "fw": [7, 3, 9], "bw": [1, 1, 1],
+        "alpha": 0.7, "lw": [1, 4, 1], "sigma": 16}'
     python benchmarks/study_mtd.py check
 """
 
@@ -51,8 +53,8 @@ LAYERS = ("layer1", "layer2", "layer3", "layer4")
 WINDOWS = (1, 3, 5, 7, 9)
 REFERENCE = 256
 SEED = 0
-DEFAULT = dict(layers=(1, 2, 3), fw=(9, 7, 5), bw=(3, 3, 3), alpha=0.8, lw=(1.0, 1.0, 1.0),
-               sigma=6.8)
+DEFAULT = {"layers": (1, 2, 3), "fw": (9, 7, 5), "bw": (3, 3, 3), "alpha": 0.8,
+           "lw": (1.0, 1.0, 1.0), "sigma": 6.8}
 
 
 # -- data and split ---------------------------------------------------------------------------
@@ -117,8 +119,8 @@ def to_reference(maps: np.ndarray, shapes: list[tuple[int, int]], prep: str) -> 
             side = max(h, w)
             top, left = (side - h) // 2, (side - w) // 2
             scale = size / side
-            y0, y1 = int(round(top * scale)), int(round((top + h) * scale))
-            x0, x1 = int(round(left * scale)), int(round((left + w) * scale))
+            y0, y1 = round(top * scale), round((top + h) * scale)
+            x0, x1 = round(left * scale), round((left + w) * scale)
             m = m[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
         out[i] = np.asarray(jax.image.resize(jnp.asarray(np.ascontiguousarray(m)),
                                              (REFERENCE, REFERENCE), "bilinear"))
@@ -202,7 +204,8 @@ def combine(dist: dict[str, np.ndarray], cfg: dict, size: int, rows: np.ndarray)
     total = None
     for layer, f, b, w in zip(cfg["layers"], cfg["fw"], cfg["bw"], cfg["lw"]):
         alpha = cfg["alpha"]
-        m = alpha * dist[f"layer{layer}/F{f}"][rows] + (1 - alpha) * dist[f"layer{layer}/B{b}"][rows]
+        m = (alpha * dist[f"layer{layer}/F{f}"][rows]
+             + (1 - alpha) * dist[f"layer{layer}/B{b}"][rows])
         m = w * postprocess.resize_maps(jnp.asarray(m), (size, size))
         total = m if total is None else total + m
     return total

@@ -1,6 +1,6 @@
 """hetmm_jax: HETMM anomaly detection (template mutual matching, PTS) in JAX / Flax.
 
-The numerical core is a set of pure functions (:mod:`hetmm_jax.matching`, :mod:`hetmm_jax.pts`,
+The numerical core is a set of pure functions (:mod:`hetmm_jax.matching`, :mod:`hetmm_jax.selection`,
 :mod:`hetmm_jax.postprocess`, :mod:`hetmm_jax.metrics`) that compose with ``jax.jit``,
 ``jax.vmap``, ``jax.grad`` and sharding; :class:`Detector` wraps them for ``fit`` / ``predict``.
 """
@@ -19,7 +19,7 @@ from hetmm_jax.matching import (
     smooth_hetmm,
 )
 from hetmm_jax.postprocess import gaussian_blur, image_score, normalize_map, resize_maps
-from hetmm_jax.pts import compress_templates, optics_labels, pts, select_indices
+from hetmm_jax.selection import compress_templates, optics_labels, pts, select_indices
 
 __version__ = "0.1.0"
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,6 +54,30 @@ __all__ = [
     "AXES", "describe", "make_mesh", "predict_sharded", "shard_queries", "shard_template_set",
     "sharded_anomaly_map",
 ]
+
+
+def host_devices_env(n_devices: int, root: str | os.PathLike | None = None) -> dict[str, str]:
+    """Environment for a child Python process that sees ``n_devices`` CPU devices.
+
+    XLA reads ``--xla_force_host_platform_device_count`` once, when jax starts, so a test or a
+    benchmark that needs several devices on one CPU runs its work in a child process started
+    with this environment (``subprocess.run(..., env=host_devices_env(4))``).
+
+    Args:
+        n_devices: number of host (CPU) devices the child gets.
+        root: a folder put first on the child's ``PYTHONPATH`` (e.g. a source checkout).
+
+    Returns:
+        A copy of ``os.environ`` with ``XLA_FLAGS``, ``JAX_PLATFORMS`` and ``PYTHONPATH`` set.
+    """
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={int(n_devices)}"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    if root is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    return env
 
 
 def make_mesh(queries: int | None = None, sheets: int | None = None, devices=None) -> Mesh:

@@ -7,11 +7,12 @@ import pytest
 from PIL import Image
 
 from conftest import textured
-from hetmm_jax import Detector
+from hetmm_jax import PRESETS, Detector
 from hetmm_jax.errors import DataError, InputError, ModelFileError, NotFittedError
 
 # Small and fast: EfficientNet-Lite0 with its real weights at 64 x 64 pixels.
-FAST = dict(backbone="efficientnet_lite0", image_size=64, forward_patches=(3, 3, 3),
+FAST = dict(backbone="efficientnet_lite0", image_size=64, layers=("layer1", "layer2", "layer3"),
+            forward_patches=(3, 3, 3),
             backward_patches=(1, 1, 1), sigma=1.0, batch_size=4)
 
 
@@ -28,6 +29,13 @@ def images():
 def fitted(images):
     train, _, _ = images
     return Detector(**FAST).fit(train)
+
+
+def test_constructor_defaults_are_the_default_preset():
+    plain, preset = Detector(), Detector.from_preset("default")
+    assert plain._validated() == preset._validated()
+    for name in ("backbone", "image_size", "sigma"):
+        assert getattr(plain, name) == PRESETS["default"][name]
 
 
 def test_init_only_stores_parameters():

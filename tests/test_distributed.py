@@ -9,13 +9,14 @@ same interpreter: :func:`hetmm_jax.matching.anomaly_map` on plain arrays and
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from hetmm_jax.distributed import host_devices_env
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTS = (4, 8)
@@ -103,12 +104,7 @@ def reports():
     """Starts one interpreter per device count at once; yields count -> (rc, stdout, stderr)."""
     procs = {}
     for n_dev in COUNTS:
-        env = dict(os.environ)
-        env["XLA_FLAGS"] = (
-            env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_dev}"
-        ).strip()
-        env["JAX_PLATFORMS"] = "cpu"
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        env = host_devices_env(n_dev, ROOT)
         procs[n_dev] = subprocess.Popen(
             [sys.executable, "-c", SCRIPT, str(n_dev)], env=env, cwd=ROOT,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage
-
-import jax
-import jax.numpy as jnp
 
 from hetmm_jax import matching
 from hetmm_jax.errors import InputError

@@ -1,4 +1,4 @@
-"""Tests of hetmm_jax.pts against a plain loop of Algorithm 1 and against scikit-learn OPTICS."""
+"""Tests of hetmm_jax.selection against a plain loop of Algorithm 1 and against scikit-learn OPTICS."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from sklearn.cluster import OPTICS
 
 from hetmm_jax.errors import InputError
-from hetmm_jax.pts import (
+from hetmm_jax.selection import (
     TIE_TOLERANCE,
     compress_templates,
     cosine_distances,

@@ -6,13 +6,14 @@ a fresh interpreter with ``XLA_FLAGS`` set.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from hetmm_jax.distributed import host_devices_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,12 +81,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("n_dev", [4, 8])
 def test_sharded_templates_give_single_device_results(n_dev):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_dev}"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env = host_devices_env(n_dev, ROOT)
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(n_dev)],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
