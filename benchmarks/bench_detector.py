@@ -82,7 +82,7 @@ def main() -> None:
     full = Detector(progress=True, batch_size=8).fit([str(p) for p in category.train])
     config = full.config_
     size = int(full.image_size)
-    feats = full._extractor().extract([data.read_image(p) for p in test], batch_size=8,
+    feats = full.feature_extractor().extract([data.read_image(p) for p in test], batch_size=8,
                                       progress=False)
     queries = [feats[name] for name in config["layers"]]
 
@@ -101,7 +101,7 @@ def main() -> None:
         detector.n_templates_ = n
         detector.threshold_ = None
         detector._device_cache = None
-        detector._extractor_cache = full._extractor()
+        detector._extractor_cache = full.feature_extractor()
         mbytes = sum(v.nbytes for v in detector.templates_.values()) / 2**20
 
         detector.predict(test[:8])

@@ -174,7 +174,12 @@ class Detector:
                     alphas=tuple(float(a) for a in alphas),
                     layer_weights=tuple(float(w) for w in weights))
 
-    def _extractor(self):
+    def feature_extractor(self):
+        """The :class:`~hetmm_jax.features.FeatureExtractor` this detector uses (built once).
+
+        Its ``features_fn(variables, images)`` is the pure, differentiable feature function that
+        gradient experiments and sharded prediction compose with the matching.
+        """
         extractor = getattr(self, "_extractor_cache", None)
         if extractor is None:
             from hetmm_jax.features import FeatureExtractor
@@ -407,7 +412,7 @@ class Detector:
         if missing > 0:
             size = int(self.image_size)
             batch = list(batch) + [np.zeros((size, size, 3), np.uint8)] * missing
-        return self._extractor()(batch)
+        return self.feature_extractor()(batch)
 
     def _batches(self, sources: list, what: str) -> Iterable[tuple[list, list[np.ndarray]]]:
         if not sources:

@@ -134,7 +134,7 @@ class ScoreModel:
         if not hasattr(detector, "templates_"):
             raise NotFittedError("detector is not fitted yet: call fit() before ScoreModel")
         config = detector.config_
-        extractor = detector._extractor()
+        extractor = detector.feature_extractor()
         return cls(
             extractor.features_fn, extractor.variables,
             [np.asarray(detector.templates_[name], np.float32) for name in config["layers"]],
