@@ -26,7 +26,8 @@ from PIL import Image
 
 from hetmm_jax import data as data_lib
 from hetmm_jax import matching, model_io, postprocess
-from hetmm_jax.errors import InputError, NotFittedError
+from hetmm_jax.features import as_rgb_uint8
+from hetmm_jax.errors import InputError, ModelFileError, NotFittedError
 
 log = logging.getLogger(__name__)
 
@@ -362,14 +363,10 @@ class Detector:
         meta, templates = model_io.load_model(path)
         params = meta.get("params")
         if not isinstance(params, dict):
-            from hetmm_jax.errors import ModelFileError
-
             raise ModelFileError(f"{path}: the header has no detector parameters")
         detector = cls(**params)
         detector.config_ = detector._validated()
         if set(templates) != set(detector.config_["layers"]):
-            from hetmm_jax.errors import ModelFileError
-
             raise ModelFileError(f"{path}: template layers {sorted(templates)} differ from the "
                                  f"configured layers {list(detector.config_['layers'])}")
         detector.templates_ = templates
@@ -516,28 +513,23 @@ def _sources(images: ImagesLike) -> list:
 
 
 def _load(source: Any, index: int) -> np.ndarray:
-    """One image as uint8 (H, W, 3)."""
+    """One image as uint8 (H, W, 3): read from a file, or a uint8 / float-in-[0, 1] array."""
     if isinstance(source, str):
         return data_lib.read_image(source)
     array = np.asarray(source)
     where = f"image {index}"
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=-1)
-    if array.ndim != 3 or array.shape[-1] != 3:
-        raise InputError(f"{where} has shape {array.shape}; expected (H, W), (H, W, 1) or "
-                         f"(H, W, 3) -- {array.shape[-1]} channels are not supported")
-    if array.shape[0] < 8 or array.shape[1] < 8:
-        raise InputError(f"{where} is {array.shape[0]}x{array.shape[1]} pixels, too small")
-    if array.dtype == np.uint8:
-        return array
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
             raise InputError(f"{where} is {array.dtype} with values outside [0, 1] or not "
                              f"finite; give uint8 0-255 or float 0-1")
-        return np.round(array * 255.0).astype(np.uint8)
-    raise InputError(f"{where} has dtype {array.dtype}; expected uint8 (0-255) or float (0-1)")
+        array = np.round(array * 255.0).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise InputError(f"{where} has dtype {array.dtype}; expected uint8 (0-255) or float "
+                         f"(0-1)")
+    array = as_rgb_uint8(array, index)
+    if array.shape[0] < 8 or array.shape[1] < 8:
+        raise InputError(f"{where} is {array.shape[0]}x{array.shape[1]} pixels, too small")
+    return array
 
 
 def _resize_map(map_: np.ndarray, size: tuple[int, int]) -> np.ndarray:

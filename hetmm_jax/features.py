@@ -65,15 +65,26 @@ def preprocess(
     return (jnp.asarray(images, dtype) - mean) / std
 
 
-def _as_rgb_uint8(image: Any, index: int) -> np.ndarray:
+def as_rgb_uint8(image: Any, index: int) -> np.ndarray:
+    """One uint8 image as (H, W, 3): grayscale (H, W) or (H, W, 1) is repeated over 3 channels.
+
+    Args:
+        image: uint8 array (H, W), (H, W, 1) or (H, W, 3).
+        index: the image's position in its batch, named in errors.
+
+    Raises:
+        InputError: another shape, channel count or dtype.
+    """
     array = np.asarray(image)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=-1)
     if array.ndim != 3 or array.shape[-1] != 3:
+        channels = f" -- {array.shape[-1]} channels are not supported" if array.ndim == 3 else ""
         raise InputError(
             f"image {index} has shape {array.shape}; expected (H, W, 3), (H, W, 1) or (H, W)"
+            f"{channels}"
         )
     if array.dtype != np.uint8:
         raise InputError(f"image {index} has dtype {array.dtype}; expected uint8 (0-255)")
@@ -217,7 +228,7 @@ class FeatureExtractor:
         if len(images) == 0:
             raise InputError("no images given")
         return np.stack(
-            [resize_image(_as_rgb_uint8(image, i), size) for i, image in enumerate(images)]
+            [resize_image(as_rgb_uint8(image, i), size) for i, image in enumerate(images)]
         )
 
     def _run(self, batch: np.ndarray, padded_size: int) -> dict[str, jax.Array]:
@@ -311,7 +322,7 @@ class FeatureExtractor:
             raise InputError(f"images must be an iterable of images or paths, got {images!r}")
         buffer: list[np.ndarray] = []
         for index, image in enumerate(self._iter_arrays(images)):
-            buffer.append(resize_image(_as_rgb_uint8(image, index), self.image_size))
+            buffer.append(resize_image(as_rgb_uint8(image, index), self.image_size))
             if len(buffer) == batch_size:
                 yield np.stack(buffer)
                 buffer = []
